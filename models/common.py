@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-IGNORE_INDEX = -100  # label of a position that is not trained (the value torch's cross entropy skips)
+from data.masking import IGNORE_INDEX  # noqa: F401  (the one definition; re-exported for the layers)
 
 # (hidden, position_ids, segment_ids, targets): what every pipeline layer takes and returns;
 # only `hidden` is floating point, so only it carries gradients between pipeline stages.

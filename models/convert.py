@@ -324,7 +324,9 @@ def write_hf_side_files(directory: Path, out: Path, spec: ModelSpec, manifest: M
     tokenizer = AutoTokenizer.from_pretrained(str(directory))
     template_path = directory / TEMPLATE_FILE
     if template_path.is_file():
-        tokenizer.chat_template = _template_jinja(template_path)
+        from data import chat_template_for, load_template  # only exports of trained models need data/
+
+        tokenizer.chat_template = chat_template_for(load_template(template_path), tokenizer)
     tokenizer.save_pretrained(str(out))
     gen_path = directory / "generation_config.json"
     generation = (GenerationConfig.from_pretrained(str(directory)) if gen_path.is_file()
@@ -332,12 +334,6 @@ def write_hf_side_files(directory: Path, out: Path, spec: ModelSpec, manifest: M
     _set_special_ids(generation, config, tokenizer)
     config.save_pretrained(str(out))
     generation.save_pretrained(str(out))
-
-
-def _template_jinja(path: Path) -> str:
-    from data import load_template
-
-    return load_template(path).to_jinja()
 
 
 def _set_special_ids(generation: object, config: object, tokenizer: object) -> None:

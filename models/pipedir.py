@@ -15,11 +15,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from data.template import TEMPLATE_FILENAME as TEMPLATE_FILE  # noqa: F401  (written by data.save_template)
 from models.spec import BuildOptions, ModelSpec, load_spec, slots
 
 FORMAT = "pipeft-pipeline/1"
 MANIFEST = "manifest.json"
-TEMPLATE_FILE = "prompt_template.json"
 WEIGHTS_SUBDIR = "weights"  # training output: save_path/weights/step_XXXXXXXX/
 
 

@@ -12,6 +12,7 @@ DeepSpeed is patched:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -58,13 +59,13 @@ class StagedPipeline(PipelineModule):
     """PipelineModule over a model's slots with an explicit split (`parts`, one count per stage)."""
 
     def __init__(self, spec: ModelSpec, slot_list: list[Slot], *, parts: list[int], topology: ProcessTopology,
-                 source: WeightSource, dtype: torch.dtype) -> None:
+                 source: WeightSource, dtype: torch.dtype, loss_fn: Callable = pipeline_loss) -> None:
         # Layer N+1 is two slots (final norm + head): the last stage's bound moves past both.
         user_bounds = stage_bounds(parts)
         self._bounds = [*user_bounds[:-1], len(slot_list)]
         self._slot_list, self._source, self._dtype, self.spec = slot_list, source, dtype, spec
         super().__init__(layers=[ds_layer_spec(s, tied=spec.tied) for s in slot_list], topology=topology,
-                         loss_fn=pipeline_loss, partition_method="explicit")
+                         loss_fn=loss_fn, partition_method="explicit")
 
     def _partition_layers(self, method: str = "explicit") -> None:
         self.parts = list(self._bounds)

@@ -60,3 +60,25 @@ def save_hf_model(name: str, directory: Path, seed: int = 0, **save_kwargs: obje
     model.save_pretrained(str(directory), **save_kwargs)
     save_tokenizer(directory)
     return model
+
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED_TOKENIZER = REPO / "configs" / "tiny-llama"
+SHIPPED_VOCAB = 1536  # configs/tiny-llama/config.json
+
+
+def save_trainable_model(name: str, directory: Path, seed: int = 0) -> Path:
+    """A tiny model of a family variant with the shipped tokenizer, ready for hg_to_pp + training."""
+    import copy
+    import shutil
+
+    cls, config = VARIANTS[name]
+    config = copy.deepcopy(config)
+    config.vocab_size = SHIPPED_VOCAB
+    config.pad_token_id, config.bos_token_id, config.eos_token_id = 0, 1, 2
+    torch.manual_seed(seed)
+    cls(config).save_pretrained(str(directory))
+    for f in SHIPPED_TOKENIZER.iterdir():
+        if f.name.startswith("tokenizer") or f.name == "chat_template.jinja":
+            shutil.copyfile(f, directory / f.name)
+    return directory

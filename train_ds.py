@@ -1,0 +1,38 @@
+"""Train a pipeline dir on a pipe x data topology:
+
+    deepspeed [--num_gpus N | --hostfile FILE] train_ds.py --config configs/X.json
+
+Rerunning the same command resumes from the newest complete checkpoint in save_path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="the JSON config (toolkit keys beside DeepSpeed's)")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # added by the launcher
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from training.config import load_config
+    from training.trainer import USER_ERRORS, run
+
+    try:
+        run(load_config(args.config))
+    except USER_ERRORS as err:
+        # Every rank meets the same config/data error; rank 0 speaks for them.
+        if os.environ.get("RANK", "0") == "0" or getattr(err, "located", False):
+            print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
