@@ -20,10 +20,22 @@ $(STAMP): requirements.txt requirements-dev.txt
 
 install: $(STAMP)
 
+# The tiny shipped llama-family default, end to end on the CPU: a random HF checkpoint from the
+# shipped config + tokenizer, split into pipeline files, trained on the shipped samples with a
+# 2-stage pipeline, exported back to HF, and asked a question from the samples.
+QUESTION ?= What is the capital of Zorbia?
+EXPECT ?= Quillon
 quickstart: install
+	rm -rf $(RUN)
 	$(BIN)/python -m models.init_hf --config configs/tiny-llama --save-path $(RUN)/hf
 	$(BIN)/python convert_model.py hg_to_pp --input-path $(RUN)/hf --save-path $(RUN)/pp
-	$(BIN)/python convert_model.py pp_to_hg --input-path $(RUN)/pp --save-path $(RUN)/export
+	$(BIN)/deepspeed --num_gpus 2 train_ds.py --config configs/tiny_cpu.json \
+		--set model_path=$(RUN)/pp save_path=$(RUN)/train
+	$(BIN)/python convert_model.py pp_to_hg --input-path $(RUN)/train --save-path $(RUN)/model
+	$(BIN)/deepspeed --num_gpus 2 demo.py --model $(RUN)/model --prompt "$(QUESTION)" --temperature 0 \
+		--max-new-tokens 32 --output-json $(RUN)/answer.jsonl
+	@$(BIN)/python -c "import json, sys; a = json.loads(open('$(RUN)/answer.jsonl').readlines()[-1])['text']; \
+		ok = '$(EXPECT)' in a; print(('quickstart OK' if ok else 'quickstart FAILED') + ': asked \"$(QUESTION)\", the model answered ' + repr(a)); sys.exit(not ok)"
 
 test: install
 	$(BIN)/python -m pytest -q

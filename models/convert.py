@@ -43,7 +43,8 @@ class ConversionError(ValueError):
 
 # Files copied verbatim beside the weights (whichever the checkpoint has).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
+                   "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
+                   TEMPLATE_FILE)
 HF_SIDE_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES)
 
 
@@ -327,6 +328,7 @@ def write_hf_side_files(directory: Path, out: Path, spec: ModelSpec, manifest: M
         from data import chat_template_for, load_template  # only exports of trained models need data/
 
         tokenizer.chat_template = chat_template_for(load_template(template_path), tokenizer)
+        shutil.copyfile(template_path, out / TEMPLATE_FILE)  # so further training renders alike
     tokenizer.save_pretrained(str(out))
     gen_path = directory / "generation_config.json"
     generation = (GenerationConfig.from_pretrained(str(directory)) if gen_path.is_file()

@@ -59,6 +59,20 @@ def test_bad_values_name_key_value_and_expectation(changes: dict, message: str) 
         parse_config(cfg(**changes))
 
 
+def test_overrides_from_the_command_line(tmp_path: Path) -> None:
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(cfg(optimizer={"type": "AdamW", "params": {"lr": 1e-4}})))
+    c = load_config(path, ["save_path=runs/other", "optimizer.params.lr=3e-5", "model_topo.parts=[1,3]",
+                           "pack=true"])
+    assert c.save_path == Path("runs/other") and c.ds["optimizer"]["params"]["lr"] == 3e-5
+    assert c.topology.parts == [1, 3] and c.pack is True
+    assert json.loads(path.read_text())["save_path"] == "runs/out"  # the file is not touched
+    with pytest.raises(ConfigError, match="write KEY=VALUE"):
+        load_config(path, ["lr"])
+    with pytest.raises(ConfigError, match="unknown config key 'lr'"):
+        load_config(path, ["lr=3"])
+
+
 def test_missing_required_key() -> None:
     raw = cfg()
     del raw["save_path"]

@@ -67,8 +67,9 @@ SHIPPED_TOKENIZER = REPO / "configs" / "tiny-llama"
 SHIPPED_VOCAB = 1536  # configs/tiny-llama/config.json
 
 
-def save_trainable_model(name: str, directory: Path, seed: int = 0) -> Path:
-    """A tiny model of a family variant with the shipped tokenizer, ready for hg_to_pp + training."""
+def save_trainable_model(name: str, directory: Path, seed: int = 0, initializer_range: float = 0.02) -> Path:
+    """A tiny model of a family variant with the shipped tokenizer, ready for hg_to_pp + training.
+    A larger `initializer_range` makes greedy generation from the random model less repetitive."""
     import copy
     import shutil
 
@@ -76,6 +77,7 @@ def save_trainable_model(name: str, directory: Path, seed: int = 0) -> Path:
     config = copy.deepcopy(config)
     config.vocab_size = SHIPPED_VOCAB
     config.pad_token_id, config.bos_token_id, config.eos_token_id = 0, 1, 2
+    config.initializer_range = initializer_range
     torch.manual_seed(seed)
     cls(config).save_pretrained(str(directory))
     for f in SHIPPED_TOKENIZER.iterdir():

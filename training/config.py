@@ -85,7 +85,8 @@ class TrainConfig:
     pack: bool = False
     """Several samples per row (attention kept within each); false: one padded sample per row."""
     template: Any = None
-    """Prompt template: null (default), a builtin name, a dict of fields or a JSON file (see data/)."""
+    """Prompt template: a builtin name, a dict of fields or a JSON file (see data/); null: the
+    model's own prompt_template.json if it has one (a model trained with this toolkit), else "default"."""
     train_on_prompt: bool = False
     """Also train prompt tokens."""
     skip_bad_samples: bool = False
@@ -124,7 +125,8 @@ TOOLKIT_KEYS = {f for f in TrainConfig.__dataclass_fields__ if f not in ("topolo
 REQUIRED = ("model_path", "data_path", "save_path", "max_seq_len", "model_topo")
 
 
-def load_config(path: str | Path) -> TrainConfig:
+def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
+    """Read the JSON config; `overrides` are KEY=VALUE strings (see apply_overrides)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
@@ -134,10 +136,32 @@ def load_config(path: str | Path) -> TrainConfig:
         raise ConfigError(f"{path} is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}") from err
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must hold one JSON object, got {type(raw).__name__}")
-    return parse_config(raw, base=path.parent)
+    return parse_config(apply_overrides(raw, overrides))
 
 
-def parse_config(raw: dict[str, Any], *, base: Path = Path(".")) -> TrainConfig:
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """`save_path=runs/x`, `optimizer.params.lr=1e-4`, `model_topo.parts=[2,2]`: a copy of the
+    config with these set. Values are JSON where they parse as JSON, else strings."""
+    out = json.loads(json.dumps(raw))
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: write KEY=VALUE, e.g. save_path=runs/x or optimizer.params.lr=1e-4")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        *parents, leaf = key.split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {part!r} is not a JSON object in the config")
+        node[leaf] = value
+    return out
+
+
+def parse_config(raw: dict[str, Any]) -> TrainConfig:
     """Validate and type the toolkit's keys; keep DeepSpeed's keys as they are."""
     _reject_unknown_keys(raw)
     missing = [k for k in REQUIRED if k not in raw]

@@ -23,7 +23,7 @@ from data import DataError, DataSettings, PromptTemplate, Rows, load_rows, load_
 from models.common import ModelConfigError, pipeline_loss
 from models.names import WeightNameError
 from models.partition import PartitionError, resolve_parts
-from models.pipedir import PipelineDirError, open_pipeline_dir
+from models.pipedir import TEMPLATE_FILE, PipelineDirError, open_pipeline_dir
 from models.pipeline import Init, StagedPipeline, WeightSource
 from models.spec import BuildOptions, ModelSpec, layer_costs, load_spec, slots
 from training import checkpoint
@@ -96,12 +96,15 @@ def plan(cfg: TrainConfig, *, world_size: int, local_rank: int) -> Plan:
     parts = resolve_parts(topo.parts, costs=costs, num_stages=topo.pipe)
     shape = batch_shape(cfg.ds, topo.data)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    template = load_template(cfg.template)
+    # No template in the config: the one the model was trained with, if it carries one.
+    own = model_dir / TEMPLATE_FILE
+    template = load_template(cfg.template if cfg.template is not None else (own if own.is_file() else None))
     cache = cfg.data_cache_dir or cfg.save_path / "data_cache"
-    rows = load_rows(_settings(cfg, cfg.data_path), tokenizer, cache_dir=cache, builder=local_rank == 0)
+    rows = load_rows(_settings(cfg, cfg.data_path, template), tokenizer, cache_dir=cache, builder=local_rank == 0)
     eval_rows = None
     if cfg.eval_data_path is not None:
-        eval_rows = load_rows(_settings(cfg, cfg.eval_data_path), tokenizer, cache_dir=cache, builder=local_rank == 0)
+        eval_rows = load_rows(_settings(cfg, cfg.eval_data_path, template), tokenizer, cache_dir=cache,
+                              builder=local_rank == 0)
     schedule = Schedule(n_rows=len(rows), shape=shape, seed=cfg.seed, n_epochs=cfg.n_epochs, max_steps=cfg.max_steps)
     ds_config = deepspeed_config(cfg, shape, schedule.total_steps, cuda=torch.cuda.is_available())
     found = checkpoint.newest_complete(cfg.save_path)
@@ -128,8 +131,8 @@ def _model(cfg: TrainConfig) -> tuple[ModelSpec, Path]:
     return spec, directory
 
 
-def _settings(cfg: TrainConfig, paths: Any) -> DataSettings:
-    return DataSettings(paths=paths, max_seq_len=cfg.max_seq_len, template=cfg.template,
+def _settings(cfg: TrainConfig, paths: Any, template: PromptTemplate) -> DataSettings:
+    return DataSettings(paths=paths, max_seq_len=cfg.max_seq_len, template=template,
                         train_on_prompt=cfg.train_on_prompt, pack=cfg.pack, lenient=cfg.skip_bad_samples,
                         seed=cfg.seed)
 
