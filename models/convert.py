@@ -227,8 +227,8 @@ def _read_planned(layer_plan: dict[str, tuple[str, Path]]) -> dict[str, torch.Te
     for path, items in by_file.items():
         with open_weight_file(path) as state:
             for local, hf_name in items:
-                # clone: detach from the file mapping so the file can close before writing
-                tensors[local] = state[hf_name].clone()
+                # Copy-on-write views of the mapped file: no second copy of the layer in memory.
+                tensors[local] = state[hf_name]
     return tensors
 
 
