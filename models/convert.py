@@ -138,9 +138,10 @@ def resolve_hf_input(path: str) -> Path:
         return Path(snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt",
                                                             "*.jinja"]))
     except Exception as err:  # offline, unknown repo, gated model ...
+        reason = " ".join(str(err).split())  # the Hub client's messages span several lines
         raise ConversionError(
             f"--input-path {path} is not a local directory and could not be fetched from the Hugging Face "
-            f"Hub ({type(err).__name__}: {err}); download it elsewhere and pass the local directory") from err
+            f"Hub ({type(err).__name__}: {reason}); download it elsewhere and pass the local directory") from err
 
 
 # ---------------------------------------------------------------------------------------------

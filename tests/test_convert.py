@@ -134,6 +134,13 @@ def test_missing_input_dir(tmp_path: Path) -> None:
         hg_to_pp(str(tmp_path / "nope"), str(tmp_path / "pp"), progress=False)
 
 
+def test_hub_name_without_hub_access(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Hub model name is fetched where the Hub is reachable; offline the error says what to do."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConversionError, match=r"could not be fetched from the Hugging Face Hub.*pass the local directory"):
+        hg_to_pp("someorg/some-model", str(tmp_path / "pp"), progress=False)
+
+
 def test_unsupported_model_type_lists_supported(tmp_path: Path) -> None:
     from transformers import GPT2Config, GPT2LMHeadModel
 
