@@ -29,6 +29,11 @@ CHECKPOINTS = "checkpoints"
 COMPLETE = "complete.json"
 
 
+def data_parallel_rank(pipe: Any) -> int:
+    """This rank's index among the replicas of its pipeline stage."""
+    return pipe.topology().get_coord(dist.get_rank()).data
+
+
 def tag(step: int) -> str:
     return f"step_{step:08d}"
 
@@ -97,13 +102,12 @@ def export_weights(pipe: Any, *, model_path: Path, save_path: Path, step: int, t
     first data-parallel rank writes its own layers; rank 0 adds config, tokenizer and prompt
     template, and the manifest last."""
     out = save_path / WEIGHTS_SUBDIR / tag(step)
-    grid = pipe._grid
     if dist.get_rank() == 0:
         if (out / "manifest.json").exists():
             (out / "manifest.json").unlink()  # re-exporting a step (after a resume): incomplete until done
         out.mkdir(parents=True, exist_ok=True)
     dist.barrier()
-    if grid.get_data_parallel_rank() == 0:
+    if data_parallel_rank(pipe) == 0:
         for layer, tensors in pipe.stage_layers().items():
             write_layer(out, layer, {k: v.detach().cpu() for k, v in tensors.items()})
     dist.barrier()

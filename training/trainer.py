@@ -27,6 +27,7 @@ from models.pipedir import TEMPLATE_FILE, PipelineDirError, open_pipeline_dir
 from models.pipeline import Init, StagedPipeline, WeightSource
 from models.spec import BuildOptions, ModelSpec, layer_costs, load_spec, slots
 from training import checkpoint
+from training.checkpoint import data_parallel_rank
 from training.config import BatchShape, ConfigError, TrainConfig, batch_shape
 from training.loader import Schedule, eval_batches, micro_batches, step_token_counts
 from training.optim import (
@@ -188,7 +189,7 @@ def build_engine(p: Plan) -> tuple[Any, StagedPipeline, TrackedLoss]:
 def train(p: Plan, engine: Any, pipe: StagedPipeline, loss_fn: TrackedLoss) -> dict[str, Any]:
     cfg, schedule = p.cfg, p.schedule
     total = schedule.total_steps
-    dp_rank = pipe._grid.get_data_parallel_rank()
+    dp_rank = data_parallel_rank(pipe)
     step = engine.global_steps
     progress = Progress(cfg.save_path, total=total, start=step, monitor=engine.monitor)
     last: dict[str, Any] = {}
@@ -242,7 +243,7 @@ def _finish(p: Plan, engine: Any, pipe: StagedPipeline, loss_fn: TrackedLoss, pr
 
 def evaluate(p: Plan, engine: Any, pipe: StagedPipeline, loss_fn: TrackedLoss) -> float:
     """Mean loss over every trained token of the eval set."""
-    dp_rank = pipe._grid.get_data_parallel_rank()
+    dp_rank = data_parallel_rank(pipe)
     pad = p.tokenizer.pad_token_id if p.tokenizer.pad_token_id is not None else p.tokenizer.eos_token_id
     total = 0.0
     for batch in eval_batches(p.eval_rows, p.shape, dp_rank, pad):
