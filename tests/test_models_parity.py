@@ -133,3 +133,24 @@ def test_head_projects_only_trained_positions(tmp_path: Path) -> None:
     n = int((targets != IGNORE_INDEX).sum())
     assert logits.shape == (n, VOCAB) and kept.shape == (n,)
     torch.testing.assert_close(logits, stack.logits(ids, segment_ids=mask)[targets != IGNORE_INDEX])
+
+
+@pytest.mark.parametrize("name", ["llama", "llama_tied"])
+def test_a_stage_reads_only_its_own_layer_files(name: str, tmp_path: Path) -> None:
+    """What each pipeline rank does: fill its stage's modules from the pipeline dir. The last
+    stage of a 4-layer model (layers 2-3, and the tied embedding for a tied head) loads with every
+    other layer file gone."""
+    from models.pipedir import layer_file
+    from models.stack import fill_from_dir
+
+    save_hf_model(name, tmp_path / "hf")
+    pp = hg_to_pp(str(tmp_path / "hf"), str(tmp_path / "pp"), progress=False)
+    reference = LayerStack.from_pipeline_dir(pp)
+    last_stage = [(s, m) for s, m in LayerStack(reference.spec).pairs() if s.layer >= 2]
+    (pp / layer_file(1)).unlink()
+    if not reference.spec.tied:
+        (pp / layer_file(0)).unlink()  # the untied last stage needs nothing from the embedding
+    fill_from_dir(pp, last_stage)
+    for (slot, mine), (_, theirs) in zip(last_stage, [p for p in reference.pairs() if p[0].layer >= 2]):
+        for (n, a), (_, b) in zip(mine.state_dict().items(), theirs.state_dict().items()):
+            assert torch.equal(a, b), f"{slot.kind}.{n}"
