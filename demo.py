@@ -109,26 +109,35 @@ def run(args: argparse.Namespace, options: SamplingOptions, ranks: Ranks) -> Non
             chat.turn(broadcast_text(args.prompt, ranks))
 
 
-def close_process_group() -> None:
+def close_process_group(*, wait_for_others: bool) -> None:
+    """End the process group (after a barrier when every rank finished normally; a failing rank
+    must not wait for the others) and free DeepSpeed's CPU all-reduce buffer."""
     import torch.distributed as dist
 
+    from training.cpu_comm import release_shm_buffer
+
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        if wait_for_others:
+            dist.barrier()
         dist.destroy_process_group()
+    release_shm_buffer()
 
 
 def main(argv: list[str] | None = None) -> int:
     args, options = parse_args(argv)
     ranks = ranks_from_env()
     quiet_other_ranks(ranks)
+    finished = False
     try:
         run(args, options, ranks)
+        finished = True
     except DemoError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2  # a user error, as in convert_model.py and train_ds.py
     except KeyboardInterrupt:
         return 130
-    close_process_group()
+    finally:
+        close_process_group(wait_for_others=finished)
     return 0
 
 

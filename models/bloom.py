@@ -14,9 +14,8 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from models.common import LayerIO, ModelConfigError, allowed_keys, attention
+from models.common import FinalNormLayer, LayerIO, ModelConfigError, PipelineBlock, allowed_keys, attention
 
 
 @dataclass(frozen=True)
@@ -117,7 +116,7 @@ class MLP(nn.Module):
         return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x), approximate="tanh"))
 
 
-class Block(nn.Module):
+class Block(PipelineBlock):
     def __init__(self, args: BloomArgs, index: int, *, grad_ckpt: bool = False, packed: bool = False) -> None:
         super().__init__()
         del index, packed  # every bloom block is alike; ALiBi masks are built from segment ids
@@ -128,7 +127,7 @@ class Block(nn.Module):
         self.residual_post_norm, self.dropout = args.residual_post_norm, args.hidden_dropout
         self.grad_ckpt = grad_ckpt
 
-    def _forward(self, x: torch.Tensor, position_ids: torch.Tensor, segment_ids: torch.Tensor) -> torch.Tensor:
+    def block(self, x: torch.Tensor, position_ids: torch.Tensor, segment_ids: torch.Tensor) -> torch.Tensor:
         normed = self.attn_norm(x)
         residual = normed if self.residual_post_norm else x
         x = residual + F.dropout(self.attn(normed, position_ids, segment_ids), self.dropout, self.training)
@@ -136,23 +135,10 @@ class Block(nn.Module):
         residual = normed if self.residual_post_norm else x
         return residual + F.dropout(self.mlp(normed), self.dropout, self.training)
 
-    def forward(self, inputs: LayerIO) -> LayerIO:
-        x, position_ids, segment_ids, targets = inputs
-        if self.grad_ckpt and torch.is_grad_enabled():
-            x = checkpoint(self._forward, x, position_ids, segment_ids, use_reentrant=False)
-        else:
-            x = self._forward(x, position_ids, segment_ids)
-        return x, position_ids, segment_ids, targets
 
-
-class FinalNorm(nn.Module):
+class FinalNorm(FinalNormLayer):
     def __init__(self, args: BloomArgs) -> None:
-        super().__init__()
-        self.norm = nn.LayerNorm(args.hidden_size, eps=args.norm_eps)
-
-    def forward(self, inputs: LayerIO) -> LayerIO:
-        x, position_ids, segment_ids, targets = inputs
-        return self.norm(x), position_ids, segment_ids, targets
+        super().__init__(nn.LayerNorm(args.hidden_size, eps=args.norm_eps))
 
 
 class LMHead(nn.Module):

@@ -13,6 +13,7 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from data.masking import IGNORE_INDEX  # noqa: F401  (the one definition; re-exported for the layers)
 
@@ -109,9 +110,17 @@ def _llama3_scale(inv_freq: torch.Tensor, spec: RopeSpec) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
+@lru_cache(maxsize=16)
+def _inv_freq_on(spec: RopeSpec, device: torch.device) -> torch.Tensor:
+    """The inverse frequencies on `device`, copied there once. A copy per call would be a
+    blocking host-to-device copy in every block's forward (and recompute): on a GPU each one
+    synchronises the stream, so the CPU could never queue kernels ahead of the GPU."""
+    return _inv_freq_cpu(spec).to(device)
+
+
 def rope_cos_sin(spec: RopeSpec, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin [B, 1, T, hd] for the given positions (computed in float32, then cast)."""
-    inv_freq = _inv_freq_cpu(spec).to(position_ids.device)
+    inv_freq = _inv_freq_on(spec, position_ids.device)
     freqs = position_ids[..., None].float() * inv_freq  # [B, T, hd/2]
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
@@ -157,6 +166,41 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.
 
 
 # ---------------------------------------------------------------------------------------------
+# Layer bases
+
+
+class PipelineBlock(nn.Module):
+    """A decoder block as a pipeline layer: takes and returns the pipeline tuple; with
+    `grad_ckpt` its activations are recomputed in backward (torch's non-reentrant checkpoint,
+    which also replays dropout's RNG)."""
+
+    grad_ckpt: bool = False
+
+    def block(self, x: torch.Tensor, position_ids: torch.Tensor, segment_ids: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, inputs: LayerIO) -> LayerIO:
+        x, position_ids, segment_ids, targets = inputs
+        if self.grad_ckpt and torch.is_grad_enabled():
+            x = checkpoint(self.block, x, position_ids, segment_ids, use_reentrant=False)
+        else:
+            x = self.block(x, position_ids, segment_ids)
+        return x, position_ids, segment_ids, targets
+
+
+class FinalNormLayer(nn.Module):
+    """The first module of the last pipeline layer: the final norm (the head follows)."""
+
+    def __init__(self, norm: nn.Module) -> None:
+        super().__init__()
+        self.norm = norm
+
+    def forward(self, inputs: LayerIO) -> LayerIO:
+        x, position_ids, segment_ids, targets = inputs
+        return self.norm(x), position_ids, segment_ids, targets
+
+
+# ---------------------------------------------------------------------------------------------
 # Head and loss
 
 
@@ -171,8 +215,46 @@ def select_trained(hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.T
 
 
 def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Sum of cross entropy over the given positions, computed in float32."""
-    return F.cross_entropy(logits.float(), targets, reduction="sum")
+    """Sum of cross entropy of logits [n, V] against targets [n] (IGNORE_INDEX skipped), computed
+    in float32: F.cross_entropy(logits.float(), targets, reduction="sum").
+
+    That one-liner keeps a float32 log-softmax [n, V] for backward (beside a float32 copy of
+    bf16/fp16 logits), then makes a float32 gradient [n, V] and casts it: up to three float32
+    copies of the full-vocab logits at once. Above CE_CHUNK_ELEMENTS logits the same loss is
+    computed a row chunk at a time: float32 exists for one chunk only, backward recomputes the
+    chunk's softmax and writes the gradient in the logits' dtype: less memory, and faster once
+    the logits outgrow the caches (docs/benchmarks.md). Small logits stay on the fused
+    one-liner, which is faster while everything fits in cache."""
+    if logits.numel() <= CE_CHUNK_ELEMENTS:
+        return F.cross_entropy(logits.float(), targets, reduction="sum")
+    return _ChunkedCrossEntropy.apply(logits, targets)
+
+
+CE_CHUNK_ELEMENTS = 1 << 22  # 16 MiB of float32 logits: the one-liner below this, chunks of this above
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: object, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        rows = max(1, CE_CHUNK_ELEMENTS // max(logits.shape[-1], 1))
+        total = torch.zeros((), dtype=torch.float32, device=logits.device)
+        for s in range(0, logits.shape[0], rows):
+            total += F.cross_entropy(logits[s:s + rows].float(), targets[s:s + rows], reduction="sum")
+        ctx.save_for_backward(logits, targets)
+        return total
+
+    @staticmethod
+    def backward(ctx: object, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        logits, targets = ctx.saved_tensors
+        rows = max(1, CE_CHUNK_ELEMENTS // max(logits.shape[-1], 1))
+        out = torch.empty_like(logits)
+        for s in range(0, logits.shape[0], rows):
+            t = targets[s:s + rows, None]
+            keep = t != IGNORE_INDEX
+            p = torch.softmax(logits[s:s + rows].float(), dim=-1)  # d(loss)/d(logits) = softmax - onehot
+            p.scatter_add_(1, t.clamp(min=0), -keep.float())
+            out[s:s + rows] = p.mul_(grad * keep)
+        return out, None
 
 
 def pipeline_loss(outputs: tuple[torch.Tensor, torch.Tensor], labels: tuple[torch.Tensor, ...]) -> torch.Tensor:

@@ -11,11 +11,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from models.common import (
+    FinalNormLayer,
     LayerIO,
     ModelConfigError,
+    PipelineBlock,
     RMSNorm,
     RopeSpec,
     allowed_keys,
@@ -142,7 +143,7 @@ class MLP(nn.Module):
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
-class Block(nn.Module):
+class Block(PipelineBlock):
     """A pre-norm decoder block; with `grad_ckpt` its activations are recomputed in backward."""
 
     def __init__(self, args: LlamaArgs, index: int, *, grad_ckpt: bool = False, packed: bool = False) -> None:
@@ -153,29 +154,16 @@ class Block(nn.Module):
         self.mlp = MLP(args)
         self.grad_ckpt = grad_ckpt
 
-    def _forward(self, x: torch.Tensor, position_ids: torch.Tensor, segment_ids: torch.Tensor) -> torch.Tensor:
+    def block(self, x: torch.Tensor, position_ids: torch.Tensor, segment_ids: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), position_ids, segment_ids)
         return x + self.mlp(self.mlp_norm(x))
 
-    def forward(self, inputs: LayerIO) -> LayerIO:
-        x, position_ids, segment_ids, targets = inputs
-        if self.grad_ckpt and torch.is_grad_enabled():
-            x = checkpoint(self._forward, x, position_ids, segment_ids, use_reentrant=False)
-        else:
-            x = self._forward(x, position_ids, segment_ids)
-        return x, position_ids, segment_ids, targets
 
-
-class FinalNorm(nn.Module):
+class FinalNorm(FinalNormLayer):
     """First half of layer N+1."""
 
     def __init__(self, args: LlamaArgs) -> None:
-        super().__init__()
-        self.norm = RMSNorm(args.hidden_size, args.norm_eps)
-
-    def forward(self, inputs: LayerIO) -> LayerIO:
-        x, position_ids, segment_ids, targets = inputs
-        return self.norm(x), position_ids, segment_ids, targets
+        super().__init__(RMSNorm(args.hidden_size, args.norm_eps))
 
 
 class LMHead(nn.Module):

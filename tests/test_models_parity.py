@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from tiny_models import VARIANTS, VOCAB, save_hf_model
 
+import models.common
 from models.common import IGNORE_INDEX, token_loss_sum
 from models.convert import hg_to_pp
 from models.names import NameMap
@@ -154,3 +155,20 @@ def test_a_stage_reads_only_its_own_layer_files(name: str, tmp_path: Path) -> No
     for (slot, mine), (_, theirs) in zip(last_stage, [p for p in reference.pairs() if p[0].layer >= 2]):
         for (n, a), (_, b) in zip(mine.state_dict().items(), theirs.state_dict().items()):
             assert torch.equal(a, b), f"{slot.kind}.{n}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_cross_entropy_equals_the_one_liner(monkeypatch: pytest.MonkeyPatch,
+                                                    dtype: torch.dtype) -> None:
+    monkeypatch.setattr(models.common, "CE_CHUNK_ELEMENTS", 64)  # 2 rows per chunk, below the logits' size
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(7, 32, generator=g).to(dtype).requires_grad_()
+    targets = torch.randint(0, 32, (7,), generator=g)
+    targets[3] = models.common.IGNORE_INDEX
+    ours = models.common.token_loss_sum(logits, targets)
+    (g_ours,) = torch.autograd.grad(ours * 0.3, logits)
+    ref = F.cross_entropy(logits.float(), targets, reduction="sum")
+    (g_ref,) = torch.autograd.grad(ref * 0.3, logits)
+    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-5)
+    assert g_ours.dtype == dtype and (g_ours[3] == 0).all()
+    torch.testing.assert_close(g_ours, g_ref, rtol=1e-2 if dtype == torch.bfloat16 else 1e-6, atol=1e-6)

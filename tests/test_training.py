@@ -29,6 +29,7 @@ from models.pipedir import WEIGHTS_SUBDIR, layer_file
 from models.stack import LayerStack, layer_tensors
 from training.checkpoint import CHECKPOINTS, COMPLETE
 from training.config import BatchShape
+from training.cpu_comm import shm_buffers
 from training.loader import Schedule, eval_batches
 from training.optim import param_groups
 
@@ -66,17 +67,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(config: Path, *, procs: int, faults: str = "", timeout: int = 300,
-           extra_args: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+def release_buffers(port: int) -> None:
+    """Ranks killed on purpose cannot unlink DeepSpeed's CPU all-reduce buffers themselves."""
+    for path in shm_buffers(port):
+        path.unlink(missing_ok=True)
+
+
+def launch(config: Path, *, procs: int, faults: str = "", timeout: int = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "PIPEFT_FAULT": faults, "PYTHONUNBUFFERED": "1"}
-    if procs == 1 and not extra_args:
-        cmd = [sys.executable, str(FAULTS), "--config", str(config)]
-    else:
-        cmd = [str(Path(sys.executable).parent / "deepspeed"), *extra_args]
-        if not extra_args:
-            cmd += ["--num_gpus", str(procs), "--master_port", str(free_port())]
-        cmd += [str(FAULTS), "--config", str(config)]
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if procs == 1:  # no launcher: train_ds.py makes a world of one process itself
+        return subprocess.run([sys.executable, str(FAULTS), "--config", str(config)], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=timeout)
+    port = free_port()
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(procs), "--master_port", str(port),
+           str(FAULTS), "--config", str(config)]
+    try:
+        return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    finally:
+        release_buffers(port)
 
 
 def ok(done: subprocess.CompletedProcess) -> None:
@@ -197,7 +205,8 @@ def test_killed_run_resumes_exactly(pp: dict[str, Path], uninterrupted: Path, tm
     save = tmp_path / "run"
     config = write_config(tmp_path / "c.json", pp["llama"], save, pipe=2, data=1, **RESUME)
     env = {**os.environ, "PIPEFT_FAULT": "slow:0.7"}
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+    port = free_port()
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(port),
            str(FAULTS), "--config", str(config)]
     job = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                            start_new_session=True)
@@ -207,6 +216,7 @@ def test_killed_run_resumes_exactly(pp: dict[str, Path], uninterrupted: Path, tm
         time.sleep(0.2)
     os.killpg(job.pid, signal.SIGKILL)
     job.wait()
+    release_buffers(port)
     killed_at = max(curve(save))
     assert killed_at < 6
     ok(launch(config, procs=2))
@@ -305,5 +315,6 @@ def test_two_nodes_on_one_machine(pp: dict[str, Path], tmp_path: Path) -> None:
                              stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
     outputs = [job.communicate(timeout=300)[0] for job in jobs]
     assert [job.returncode for job in jobs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert not shm_buffers(port)  # each rank unlinked DeepSpeed's CPU all-reduce buffer
     _, weights, _ = reference(pp["llama_tied"], shape=BatchShape(2, 2, 1), steps=2)
     assert_weights_close(exported(tmp_path / "run", 2), weights)

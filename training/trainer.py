@@ -29,6 +29,7 @@ from models.spec import BuildOptions, ModelSpec, layer_costs, load_spec, slots
 from training import checkpoint
 from training.checkpoint import data_parallel_rank
 from training.config import BatchShape, ConfigError, TrainConfig, batch_shape
+from training.cpu_comm import release_shm_buffer
 from training.loader import Schedule, eval_batches, micro_batches, step_token_counts
 from training.optim import (
     NormKeepingClip,
@@ -292,6 +293,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+        release_shm_buffer()
 
 
 USER_ERRORS = (ConfigError, DataError, PipelineDirError, TrainingError, ModelConfigError, PartitionError,
