@@ -178,7 +178,7 @@ def hg_to_pp(input_path: str, save_path: str, *, progress: bool = True) -> Path:
             check_layer_tensors(spec, layer, shapes[layer], source=str(src))
         except PipelineDirError as err:
             raise ConversionError(_with_hf_names(str(err), spec, layer)) from err
-    out = _fresh_dir(Path(save_path))
+    out = _fresh_dir(Path(save_path), source=src)
     dtypes: dict[torch.dtype, int] = defaultdict(int)
     for layer in tqdm(range(spec.num_layers), desc="hg_to_pp", unit="layer", disable=not progress):
         tensors = _read_planned(plan[layer])
@@ -233,8 +233,12 @@ def _read_planned(layer_plan: dict[str, tuple[str, Path]]) -> dict[str, torch.Te
     return tensors
 
 
-def _fresh_dir(path: Path) -> Path:
-    """An empty output dir; an existing pipeline/HF dir there is replaced, anything else refused."""
+def _fresh_dir(path: Path, *, source: Path) -> Path:
+    """An empty output dir; an existing pipeline/HF dir there is replaced, anything else refused,
+    and never the dir being read (or one containing or inside it)."""
+    out, src = path.resolve(), source.resolve()
+    if out == src or src in out.parents or out in src.parents:
+        raise ConversionError(f"--save-path {path} overlaps --input-path {source}; write the result to another dir")
     if path.exists():
         if any(path.iterdir()) and not ((path / "manifest.json").exists() or (path / "config.json").exists()):
             raise ConversionError(f"--save-path {path} exists and is not a model dir; choose an empty or new dir")
@@ -271,7 +275,7 @@ def pp_to_hg(input_path: str, save_path: str, *, max_shard_bytes: int | None = N
     sizes = [_layer_bytes(directory, i) for i in range(spec.num_layers)]
     limit = max_shard_bytes or max(sizes)
     groups = _shard_groups(sizes, limit)
-    out = _fresh_dir(Path(save_path))
+    out = _fresh_dir(Path(save_path), source=directory)
     weight_map: dict[str, str] = {}
     total = 0
     bar = tqdm(total=spec.num_layers, desc="pp_to_hg", unit="layer", disable=not progress)

@@ -221,6 +221,16 @@ def test_save_path_that_is_not_a_model_dir_is_refused(tmp_path: Path) -> None:
     assert (tmp_path / "precious" / "notes.txt").exists()
 
 
+def test_output_over_input_is_refused(tmp_path: Path) -> None:
+    save_hf_model("llama", tmp_path / "hf")
+    with pytest.raises(ConversionError, match="overlaps --input-path"):
+        hg_to_pp(str(tmp_path / "hf"), str(tmp_path / "hf"), progress=False)
+    pp = hg_to_pp(str(tmp_path / "hf"), str(tmp_path / "pp"), progress=False)
+    with pytest.raises(ConversionError, match="overlaps --input-path"):
+        pp_to_hg(str(pp), str(pp / "export"), progress=False)
+    assert (tmp_path / "hf" / "model.safetensors").is_file() and (pp / "manifest.json").is_file()
+
+
 def test_cli_reports_errors_without_traceback(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "convert_model.py", "pp_to_hg", "--input-path", str(tmp_path / "x"),
                            "--save-path", str(tmp_path / "y")], cwd=REPO, capture_output=True, text=True, timeout=60)

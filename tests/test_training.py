@@ -318,3 +318,12 @@ def test_two_nodes_on_one_machine(pp: dict[str, Path], tmp_path: Path) -> None:
     assert not shm_buffers(port)  # each rank unlinked DeepSpeed's CPU all-reduce buffer
     _, weights, _ = reference(pp["llama_tied"], shape=BatchShape(2, 2, 1), steps=2)
     assert_weights_close(exported(tmp_path / "run", 2), weights)
+
+
+def test_resume_refuses_a_checkpoint_of_another_model(pp: dict[str, Path], tmp_path: Path) -> None:
+    save = tmp_path / "run"
+    ok(launch(write_config(tmp_path / "a.json", pp["llama"], save, pipe=1, data=1, max_steps=1), procs=1))
+    done = launch(write_config(tmp_path / "b.json", pp["bloom"], save, pipe=1, data=1, max_steps=2), procs=1)
+    assert done.returncode == 2
+    assert "was written by a different run layout (model: checkpoint 'llama, 2 blocks" in done.stderr
+    assert "choose a new save_path" in done.stderr

@@ -71,7 +71,9 @@ class Plan:
     def run_meta(self) -> dict[str, Any]:
         """What a checkpoint must share with this run to be resumed by it."""
         fingerprint = hashlib.sha256(np.asarray(self.rows.n_trained).tobytes()).hexdigest()[:16]
-        return {"pipe": self.cfg.topology.pipe, "data": self.cfg.topology.data, "parts": self.parts,
+        args = self.spec.args
+        model = f"{self.spec.model_type}, {self.spec.num_blocks} blocks, hidden {args.hidden_size}, vocab {args.vocab_size}"
+        return {"model": model, "pipe": self.cfg.topology.pipe, "data": self.cfg.topology.data, "parts": self.parts,
                 "train_batch_size": self.shape.global_rows, "micro_batch": self.shape.micro,
                 "seed": self.cfg.seed, "rows": len(self.rows), "data_fingerprint": fingerprint}
 
