@@ -327,3 +327,31 @@ def test_resume_refuses_a_checkpoint_of_another_model(pp: dict[str, Path], tmp_p
     assert done.returncode == 2
     assert "was written by a different run layout (model: checkpoint 'llama, 2 blocks" in done.stderr
     assert "choose a new save_path" in done.stderr
+
+
+def test_zero1_cpu_offload_matches_one_process(pp: dict[str, Path], tmp_path: Path) -> None:
+    """ZeRO stage 1 with the optimizer offloaded to the CPU, as the seed configures it."""
+    save = tmp_path / "run"
+    config = write_config(tmp_path / "c.json", pp["llama"], save, pipe=1, data=1, max_steps=2,
+                          zero_optimization={"stage": 1, "offload_optimizer": {"device": "cpu", "pin_memory": True}},
+                          zero_force_ds_cpu_optimizer=False)
+    ok(launch(config, procs=1))
+    losses, weights, _ = reference(pp["llama"], shape=BatchShape(2, 2, 1), steps=2)
+    ours = curve(save)
+    for step in losses:
+        assert ours[step] == pytest.approx(losses[step], rel=1e-6)
+    assert_weights_close(exported(save, 2), weights)
+
+
+def test_bf16_training_follows_fp32(pp: dict[str, Path], tmp_path: Path) -> None:
+    """bf16 weights and activations with DeepSpeed's bf16 optimizer (fp32 master weights): the loss
+    curve stays within bf16 precision of the fp32 one, and the exported weights are bf16."""
+    curves = {}
+    for name, extra in (("fp32", {}), ("bf16", {"bf16": {"enabled": True}})):
+        save = tmp_path / name
+        ok(launch(write_config(tmp_path / f"{name}.json", pp["llama"], save, pipe=1, data=1, max_steps=4, **extra),
+                  procs=1))
+        curves[name] = curve(save)
+    for step, loss in curves["fp32"].items():
+        assert curves["bf16"][step] == pytest.approx(loss, rel=2e-2)
+    assert exported(tmp_path / "bf16", 4)["layer_001/attn.q_proj.weight"].dtype == torch.bfloat16
