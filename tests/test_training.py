@@ -151,6 +151,15 @@ def assert_weights_close(ours: dict[str, torch.Tensor], ref: dict[str, torch.Ten
         torch.testing.assert_close(ours[key], ref[key], rtol=1e-5, atol=2e-6, msg=lambda m, k=key: f"{k}: {m}")
 
 
+def assert_matches_reference(save: Path, pp_dir: Path, *, shape: BatchShape, steps: int) -> None:
+    """The run's loss curve and final weights equal the one-process reference's."""
+    losses, weights, _ = reference(pp_dir, shape=shape, steps=steps)
+    ours = curve(save)
+    for step in losses:
+        assert ours[step] == pytest.approx(losses[step], rel=1e-6)
+    assert_weights_close(exported(save, steps), weights)
+
+
 @pytest.mark.multiproc
 def test_two_stage_pipeline_matches_one_process(pp: dict[str, Path], tmp_path: Path) -> None:
     """pipe=2 x data=1 with the embedding tied across the two stages: loss, updated weights and
@@ -176,11 +185,7 @@ def test_data_parallel_zero1_matches_one_process(pp: dict[str, Path], tmp_path: 
     config = write_config(tmp_path / "c.json", pp["bloom"], save, pipe=1, data=2, max_steps=2,
                           gradient_accumulation_steps=1, zero_optimization={"stage": 1})
     ok(launch(config, procs=2))
-    losses, weights, _ = reference(pp["bloom"], shape=BatchShape(2, 1, 2), steps=2)
-    ours = curve(save)
-    for step in losses:
-        assert ours[step] == pytest.approx(losses[step], rel=1e-6)
-    assert_weights_close(exported(save, 2), weights)
+    assert_matches_reference(save, pp["bloom"], shape=BatchShape(2, 1, 2), steps=2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,11 +341,7 @@ def test_zero1_cpu_offload_matches_one_process(pp: dict[str, Path], tmp_path: Pa
                           zero_optimization={"stage": 1, "offload_optimizer": {"device": "cpu", "pin_memory": True}},
                           zero_force_ds_cpu_optimizer=False)
     ok(launch(config, procs=1))
-    losses, weights, _ = reference(pp["llama"], shape=BatchShape(2, 2, 1), steps=2)
-    ours = curve(save)
-    for step in losses:
-        assert ours[step] == pytest.approx(losses[step], rel=1e-6)
-    assert_weights_close(exported(save, 2), weights)
+    assert_matches_reference(save, pp["llama"], shape=BatchShape(2, 2, 1), steps=2)
 
 
 def test_bf16_training_follows_fp32(pp: dict[str, Path], tmp_path: Path) -> None:

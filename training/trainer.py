@@ -9,6 +9,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +68,7 @@ class Plan:
     ds_config: dict[str, Any]
     resume_from: checkpoint.Found | None
 
-    @property
+    @cached_property
     def run_meta(self) -> dict[str, Any]:
         """What a checkpoint must share with this run to be resumed by it."""
         fingerprint = hashlib.sha256(np.asarray(self.rows.n_trained).tobytes()).hexdigest()[:16]
